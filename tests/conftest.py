@@ -1,0 +1,5 @@
+"""Patch before anything else, exactly as the daemon's entry point does."""
+
+from gevent import monkey
+
+monkey.patch_all()
