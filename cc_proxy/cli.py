@@ -59,4 +59,4 @@ def main(argv: list[str] | None = None,
 
     from cc_proxy import server
 
-    return server.serve(cfg)
+    return server.serve(cfg, reload=lambda: config_mod.from_args(args, environ))
