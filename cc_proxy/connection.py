@@ -16,7 +16,7 @@ from collections import deque
 import gevent
 from gevent.event import Event
 
-from cc_proxy import commands, frames
+from cc_proxy import commands, frames, logsetup
 from cc_proxy.errors import PeerProtocolError, ProxyError
 from cc_proxy.frames import FrameType
 
@@ -38,6 +38,7 @@ class Connection:
         self._responses: deque[bytes] = deque()
         self._wake = Event()
         self._closing = False
+        self._closed_here = False  # we shut the socket: the reader's error is expected
         self._writer = None
 
     # -- reader ------------------------------------------------------------------
@@ -52,7 +53,8 @@ class Connection:
         except PeerProtocolError as exc:
             self.log.error("dropping client: {}", exc)
         except OSError as exc:
-            self.log.info("client connection error: {}", exc)
+            if not self._closed_here:
+                self.log.info("client connection error: {}", exc)
         except Exception:
             self.log.exception("bug while serving client; dropping it")
         finally:
@@ -148,6 +150,7 @@ class Connection:
         self._shutdown()
 
     def _shutdown(self) -> None:
+        self._closed_here = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -165,6 +168,7 @@ class Connection:
         if session is not None:
             router = self.proxy.router
             router.call(router.release, session, self)
-            self.log.info("shim connection dropped; token {} may reconnect", session.token[:8])
+            if not session.freed:
+                self.log.info("shim connection dropped; token {} may reconnect", logsetup.token_prefix(session.token))
         self.sock.close()
         self.log.debug("client gone")
