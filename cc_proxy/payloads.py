@@ -45,7 +45,7 @@ def decode_json(payload: bytes, what: str) -> dict:
         return {}
     try:
         value = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise ProxyError(f"{what}: invalid JSON payload: {exc}") from None
     if not isinstance(value, dict):
         raise ProxyError(f"{what}: payload must be a JSON object")

@@ -30,6 +30,14 @@ from cc_proxy.router import Router
 ACCEPT_BACKOFF = 0.1
 
 
+def _notify(state: str) -> None:
+    """Tell systemd, if it listens; a vanished notify socket is logged, never fatal."""
+    try:
+        systemd.notify(state)
+    except OSError as exc:
+        logger.warning("sd_notify({}) failed: {}", state.split("=", 1)[0], exc)
+
+
 class Proxy:
     """What every connection shares: config, router, the URL handed to shims."""
 
@@ -78,7 +86,7 @@ class Server:
         interval = systemd.watchdog_interval()
         if interval:
             self.tasks.spawn(self._watchdog, interval)
-        systemd.notify("READY=1\nSTATUS=" + self._status())
+        _notify("READY=1\nSTATUS=" + self._status())
 
     def _accept_loop(self) -> None:
         while True:
@@ -98,7 +106,7 @@ class Server:
 
     def _watchdog(self, interval: float) -> None:
         while True:
-            systemd.notify("WATCHDOG=1")
+            _notify("WATCHDOG=1")
             gevent.sleep(interval)
 
     def _status(self) -> str:
@@ -110,10 +118,10 @@ class Server:
 
     def _vm_registered(self, vm) -> None:
         self.ksm.vm_registered()
-        systemd.notify("STATUS=" + self._status())
+        _notify("STATUS=" + self._status())
 
     def _vm_gone(self, vm) -> None:
-        systemd.notify("STATUS=" + self._status())
+        _notify("STATUS=" + self._status())
         if self.config.pod_mode:
             logger.info("pod mode: the VM {} is gone ({}), exiting", vm.container_id, vm.lost_reason)
             self.request_stop()
@@ -180,7 +188,7 @@ class Server:
             self.bound_inode = None
 
     def stop(self) -> None:
-        systemd.notify("STOPPING=1")
+        _notify("STOPPING=1")
         self._close_listener()
         for vm in list(self.router.live_vms):
             vm.close("the proxy is stopping")

@@ -75,8 +75,10 @@ def test_good_config_is_handed_to_the_server(monkeypatch, tmp_path, capsys):
     seen = []
     fake = types.ModuleType("cc_proxy.server")
 
-    def serve(cfg):
+    def serve(cfg, reload):
         seen.append(cfg)
+        conf.write_text('log_level = "debug"\n')
+        seen.append(reload())  # SIGHUP re-reads the same sources
         logger.info("serving")
         return 7
 
@@ -91,8 +93,9 @@ def test_good_config_is_handed_to_the_server(monkeypatch, tmp_path, capsys):
     rc = cli.main(["-uri", f"unix://{sock}", "-log", "info", "--log-format",
                    "plain", "--config", str(conf)], environ={})
     assert rc == 7
-    [cfg] = seen
+    cfg, reloaded = seen
     assert isinstance(cfg, config.Config)
+    assert reloaded.log_level == "INFO"  # the command line still beats the conf file
     assert cfg.pod_mode and cfg.socket_path == str(sock)
     err = capsys.readouterr().err
     assert (f"INFO cc-proxy {__version__} starting in pod mode on {sock} "

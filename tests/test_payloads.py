@@ -293,8 +293,6 @@ def test_random_objects_only_raise_proxy_error(obj):
         pass
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError,
-                   reason="codec bug: decode_json lets RecursionError escape on deeply nested JSON")
 def test_deeply_nested_json_is_a_proxy_error():
     depth = 100_000
     with pytest.raises(ProxyError):
