@@ -4,7 +4,7 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import sys  # noqa: E402
+import sys
 
 
 def main() -> int:

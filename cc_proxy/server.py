@@ -162,7 +162,7 @@ class Server:
             return
         try:
             fresh = self.reload()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (any failure keeps the old config)
             logger.error("SIGHUP: configuration not reloaded: {}", exc)
             return
         logsetup.set_level(fresh.log_level)

@@ -4,20 +4,21 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import contextlib  # noqa: E402
-import shutil  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
+import contextlib
+import shutil
+import sys
+import tempfile
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests share fake_agent and helpers as plain modules
 
-from cc_proxy import config  # noqa: E402
-from cc_proxy.client import Client  # noqa: E402
-from cc_proxy.server import Server  # noqa: E402
-from fake_agent import running_agent  # noqa: E402
+from fake_agent import running_agent
+
+from cc_proxy import config
+from cc_proxy.client import Client
+from cc_proxy.server import Server
 
 # Small timeouts so failure paths take milliseconds, not the production 30 s.
 FAST = {"ready_timeout": 2, "shim_timeout": 2, "process_timeout": 2, "stop_timeout": 2}
