@@ -46,7 +46,6 @@ class Connection:
     def serve(self) -> None:
         """Run until the client leaves or misbehaves; always cleans up."""
         self._writer = gevent.spawn(self._write_loop)
-        self._writer.link_exception(self._writer_failed)
         self.log.debug("client connected")
         try:
             self._read_loop()
@@ -103,6 +102,14 @@ class Connection:
         self._wake.set()
 
     def _write_loop(self) -> None:
+        try:
+            self._write_until_closed()
+        except OSError as exc:
+            if not self._closed_here:
+                self.log.info("writing to client failed: {}", exc)
+            self._shutdown()  # wakes the reader, which cleans up
+
+    def _write_until_closed(self) -> None:
         send = self.sock.send
         while True:
             self._wake.wait()
@@ -126,10 +133,6 @@ class Connection:
             if self._closing and not self._responses:
                 self._shutdown()
                 return
-
-    def _writer_failed(self, writer) -> None:
-        self.log.info("writing to client failed: {}", writer.exception)
-        self._shutdown()
 
     # -- shim role ---------------------------------------------------------------
 

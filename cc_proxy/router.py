@@ -111,20 +111,18 @@ class Router:
             raise ProxyError(f"unknown token: {token}")
         if session.shim is not None:
             raise ProxyError(f"token already claimed: {token}")
-        session.shim = shim
-        session.shim_connected.set()
+        session.attach_shim(shim)
         return session
 
     def release(self, session: Session, shim) -> None:
         """The shim's connection dropped without DisconnectShim: the token may be claimed again."""
         if session.shim is shim:
-            session.shim = None
-            session.shim_connected.clear()
+            session.detach_shim()
 
     def free(self, session: Session) -> None:
         """DisconnectShim: the token is gone for good."""
         self.tokens.pop(session.token, None)
-        session.shim = None
+        session.detach_shim()
         session.vm.forget_session(session)
 
     def _allocate(self, vm: VM, count: int) -> list[str]:

@@ -77,9 +77,10 @@ class Session:
     def output(self, seq: int, payload: bytes, logger) -> None:
         """Route one agent io message for this session (called by the io reader)."""
         if not payload:
-            self.terminated = True  # EOF; the exit code comes next
+            if seq == self.base:
+                self.terminated = True  # EOF of the process; its exit code comes next
             return
-        if self.terminated and len(payload) == 1:
+        if self.terminated and len(payload) == 1 and seq == self.base:
             self.push(frames.encode(frames.FrameType.NOTIFICATION, frames.Notification.PROCESS_EXITED, payload), logger)
             return
         ftype, opcode = _STDOUT if seq == self.base else _STDERR
@@ -96,22 +97,35 @@ class Session:
         reader) wait for the shim to drain it: the agent is slowed, nothing is
         lost. With no shim to drain it, the oldest output is dropped and logged.
         """
-        if self.outbox_bytes + len(frame) > self.buffer_limit and self.outbox:
-            if self.shim is not None:
+        if self.outbox and self.outbox_bytes + len(frame) > self.buffer_limit:
+            while self.shim is not None and not self.vm_lost.is_set() and self.outbox \
+                    and self.outbox_bytes + len(frame) > self.buffer_limit:
                 self.drained.clear()
                 gevent.wait([self.drained, self.vm_lost], count=1)
-            dropped = 0
-            while self.outbox and self.outbox_bytes + len(frame) > self.buffer_limit:
-                old = self.outbox.popleft()
-                self.outbox_bytes -= len(old)
-                dropped += len(old)
-            if dropped:
-                self.dropped_bytes += dropped
-                logger.warning("no shim is reading: dropped {} bytes of old output", dropped)
+            if self.shim is None:  # no writer holds frames of the outbox: safe to drop the oldest
+                dropped = 0
+                while self.outbox and self.outbox_bytes + len(frame) > self.buffer_limit:
+                    old = self.outbox.popleft()
+                    self.outbox_bytes -= len(old)
+                    dropped += len(old)
+                if dropped:
+                    self.dropped_bytes += dropped
+                    logger.warning("no shim is reading token {}: dropped {} bytes of old output",
+                                   (self.token or "")[:8], dropped)
         self.outbox.append(frame)
         self.outbox_bytes += len(frame)
         if self.shim is not None:
             self.shim.wake()
+
+    def attach_shim(self, shim) -> None:
+        self.shim = shim
+        self.shim_connected.set()
+
+    def detach_shim(self) -> None:
+        """The shim's connection is gone: a reader waiting for it to drain must not wait forever."""
+        self.shim = None
+        self.shim_connected.clear()
+        self.drained.set()
 
     def take_output(self) -> tuple[int, bytes]:
         """Everything queued, as (frame count, bytes); ``sent()`` removes what went out."""

@@ -218,8 +218,6 @@ def test_slow_shim_does_not_stall_the_others(pod, connect):
     assert slow.read_output_until_exit(timeout=10) == (backlog, b"", 2)
 
 
-@pytest.mark.xfail(reason="BUG: Session.push waits on `drained` for a slow shim; when that shim's connection drops "
-                          "nothing sets `drained`, so the VM's io reader blocks forever", strict=True)
 def test_slow_shim_dropping_over_the_bound_does_not_stall_the_vm(agent):
     limit = 64 * 1024
     with running_proxy(shim_buffer_bytes=limit) as server:
