@@ -15,6 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # tests share fake_agent and helpers as plain modules
 
 from fake_agent import running_agent
+from fake_sysfs import sysfs  # noqa: F401 (a fixture, shared by the KSM tests)
 
 from cc_proxy import config
 from cc_proxy.client import Client

@@ -3,15 +3,12 @@ import os
 import gevent
 import gevent.event
 import pytest
+from fake_sysfs import ANON_PAGES, INITIAL, values
 
 from cc_proxy.ksm import Ksm
 
 pytestmark = pytest.mark.timeout(60)
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
-ANON_KB = 4_000_000
-ANON_PAGES = ANON_KB * 1024 // PAGE
-INITIAL = {"run": "1", "pages_to_scan": "100", "sleep_millisecs": "20"}
 
 
 class Recorder:
@@ -37,21 +34,6 @@ class Recorder:
             while len(self.changes) < count:
                 self.changed.clear()
                 self.changed.wait()
-
-
-@pytest.fixture
-def sysfs(tmp_path):
-    root = tmp_path / "ksm"
-    root.mkdir()
-    for name, value in INITIAL.items():
-        (root / name).write_text(value + "\n")
-    meminfo = tmp_path / "meminfo"
-    meminfo.write_text(f"MemTotal:       16000000 kB\nAnonPages:       {ANON_KB} kB\nMapped: 1 kB\n")
-    return root, meminfo
-
-
-def values(root):
-    return {name: (root / name).read_text().strip() for name in INITIAL}
 
 
 def make(sysfs, mode, rec, seconds=(0.005, 0.005, 0.005), on_change=None):

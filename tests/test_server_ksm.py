@@ -1,51 +1,31 @@
 """KSM wired into the proxy: RegisterVM kicks it, stopping restores it (fake sysfs only)."""
 
-import os
-
 import gevent
 import pytest
 from conftest import running_proxy
 from fake_agent import running_agent
+from fake_sysfs import ANON_PAGES, INITIAL, values
 
 from cc_proxy.client import Client
 
 pytestmark = pytest.mark.timeout(30)
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
-ANON_KB = 400_000
-INITIAL = {"run": "0", "pages_to_scan": "100", "sleep_millisecs": "20"}
-
-
-@pytest.fixture
-def sysfs(tmp_path):
-    root = tmp_path / "ksm"
-    root.mkdir()
-    for name, value in INITIAL.items():
-        (root / name).write_text(value + "\n")
-    meminfo = tmp_path / "meminfo"
-    meminfo.write_text(f"MemTotal: 16000000 kB\nAnonPages: {ANON_KB} kB\n")
-    return root, meminfo
-
-
-def knobs(root):
-    return {name: (root / name).read_text().strip() for name in INITIAL}
-
 
 def wait_for_knobs(root, expected, timeout=5):
-    with gevent.Timeout(timeout, AssertionError(f"KSM knobs never became {expected}, last {knobs(root)}")):
-        while knobs(root) != expected:
+    with gevent.Timeout(timeout, AssertionError(f"KSM knobs never became {expected}, last {values(root)}")):
+        while values(root) != expected:
             gevent.sleep(0.005)
 
 
 def test_register_vm_kicks_ksm_and_stop_restores_it(sysfs):
     root, meminfo = sysfs
-    aggressive = {"run": "1", "pages_to_scan": str(ANON_KB * 1024 // PAGE // 10), "sleep_millisecs": "1"}
+    aggressive = {"run": "1", "pages_to_scan": str(ANON_PAGES // 10), "sleep_millisecs": "1"}
     with running_proxy(ksm="auto", ksm_root=str(root), meminfo_path=str(meminfo), ksm_aggressive_seconds=60) as proxy:
-        assert knobs(root) == INITIAL  # no VM yet: the host is left alone
+        assert values(root) == INITIAL  # no VM yet: the host is left alone
         with running_agent() as agent, Client(proxy.config.socket_path) as runtime:
             runtime.register_vm("pod1", agent.ctl_path, agent.io_path)
-            assert knobs(root) == aggressive  # the kick is applied before the response
-    assert knobs(root) == INITIAL  # the proxy stopped: initial values are back
+            assert values(root) == aggressive  # the kick is applied before the response
+    assert values(root) == INITIAL  # the proxy stopped: initial values are back
 
 
 def test_auto_cycle_returns_to_the_initial_values(sysfs):
