@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests share fake_agent and helpers as plain modules
 
-from fake_agent import running_agent
+from fake_agent import running_agent, short_tempdir
 from fake_sysfs import sysfs  # noqa: F401 (a fixture, shared by the KSM tests)
 
 from cc_proxy import config
@@ -45,6 +45,13 @@ def running_proxy(**overrides):
 def proxy():
     with running_proxy() as server:
         yield server
+
+
+@pytest.fixture
+def workdir():
+    """A temporary directory short enough for AF_UNIX socket paths."""
+    with short_tempdir("cce") as path:
+        yield path
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 
@@ -57,13 +56,9 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-@contextlib.contextmanager
-def short_dir(prefix: str = "cce") -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix=prefix)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+def system_args(sock: str, *extra: str) -> list[str]:
+    """System mode on ``sock``, never touching the host's KSM."""
+    return ["--ksm", "initial", "--socket-path", sock, *extra]
 
 
 class ProxyProcess:

@@ -24,7 +24,7 @@ from helpers_e2e import (
     proxy_process,
     requires_cc_proxy,
     run_cc_proxy,
-    short_dir,
+    system_args,
 )
 
 from cc_proxy import __version__
@@ -32,22 +32,6 @@ from cc_proxy.client import Client, ResponseError
 from cc_proxy.frames import Command, FrameType
 
 pytestmark = [pytest.mark.timeout(60), requires_cc_proxy]
-
-
-@pytest.fixture
-def workdir():
-    with short_dir() as path:
-        yield path
-
-
-@pytest.fixture
-def agent():
-    with running_agent() as fake:
-        yield fake
-
-
-def system_args(sock: str, *extra: str) -> list[str]:
-    return ["--ksm", "initial", "--socket-path", sock, *extra]
 
 
 def assert_gone(path: str) -> None:

@@ -17,7 +17,7 @@ import time
 
 import pytest
 from fake_agent import running_agent
-from helpers_e2e import clean_env, proxy_process, requires_cc_proxy, short_dir
+from helpers_e2e import clean_env, proxy_process, requires_cc_proxy, system_args
 
 from cc_proxy.client import Client, ResponseError
 
@@ -32,16 +32,6 @@ requires_socket_activate = pytest.mark.skipif(
 
 def socket_activate() -> str:
     return SOCKET_ACTIVATE if os.access(SOCKET_ACTIVATE, os.X_OK) else shutil.which("systemd-socket-activate")
-
-
-@pytest.fixture
-def workdir():
-    with short_dir() as path:
-        yield path
-
-
-def system_args(sock: str, *extra: str) -> list[str]:
-    return ["--ksm", "initial", "--socket-path", sock, *extra]
 
 
 # -- socket activation ---------------------------------------------------------------------------------------
