@@ -16,7 +16,7 @@ from collections import deque
 import gevent
 from gevent.event import Event
 
-from cc_proxy import commands, frames, logsetup
+from cc_proxy import commands, frames, logsetup, payloads
 from cc_proxy.errors import PeerProtocolError, ProxyError
 from cc_proxy.frames import FrameType
 
@@ -78,7 +78,7 @@ class Connection:
                 response = handler(self, frame.payload)
             except ProxyError as exc:
                 self.log.info("{} failed: {}", frames.Command(frame.opcode).name, exc)
-                self.respond(frame.opcode, commands.payloads.encode_json({"msg": str(exc)}), error=True)
+                self.respond(frame.opcode, payloads.encode_json({"msg": str(exc)}), error=True)
             else:
                 self.respond(frame.opcode, response)
         elif frame.type == FrameType.STREAM and frame.opcode in commands.STREAMS:
