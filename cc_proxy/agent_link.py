@@ -28,7 +28,7 @@ from cc_proxy import agent_codec
 from cc_proxy.agent_codec import AgentCode
 from cc_proxy.errors import AgentError, PeerProtocolError, ProxyError
 
-READ_SIZE = 65536
+READ_SIZE = 256 * 1024  # many io messages per wake-up
 # A compliant agent never sends more than MAX_MESSAGE; allow some slack on
 # receive so a slightly larger agent buffer still works, while a corrupt length
 # cannot make us buffer without bound.
@@ -45,6 +45,14 @@ def dial(path: str) -> socket.socket:
         reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
         raise ProxyError(f"dial unix {path}: connect: {reason}") from None
     return sock
+
+
+def send_all(sock: socket.socket, data: bytes) -> None:
+    """``sendall`` without gevent's per-call getsockopt: this is the stdin hot path."""
+    view = memoryview(data)
+    sent = 0
+    while sent < len(view):
+        sent += sock.send(view[sent:])
 
 
 class AgentLink:
@@ -176,7 +184,7 @@ class AgentLink:
         """Write already-encoded io messages; a failed write means the VM is gone."""
         with self._io_lock:
             try:
-                self.io.sendall(data)
+                send_all(self.io, data)
             except OSError as exc:
                 self._lost(f"writing to the agent io channel failed: {exc}")
                 raise ProxyError("the VM is gone") from None

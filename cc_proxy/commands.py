@@ -95,10 +95,8 @@ def _shim_session(conn):
 
 
 def stdin(conn, payload: bytes) -> None:
-    session = conn.session
-    if session is None:
-        raise PeerProtocolError("stdin: client not associated with any I/O session")
-    session.vm.stdin(session, payload)
+    """Only reached by a client that is not a shim: a shim's stdin is batched by its connection."""
+    raise PeerProtocolError("stdin: client not associated with any I/O session")
 
 
 _LOG_LEVELS = {"debug": "DEBUG", "info": "INFO", "warn": "WARNING", "error": "ERROR"}

@@ -18,7 +18,7 @@ from gevent.event import Event
 
 from cc_proxy import commands, frames, logsetup, payloads
 from cc_proxy.errors import PeerProtocolError, ProxyError
-from cc_proxy.frames import FrameType
+from cc_proxy.frames import FrameType, Stream
 
 READ_SIZE = 256 * 1024
 # How long a closing connection may take to flush its last responses.
@@ -68,8 +68,24 @@ class Connection:
             count = recv_into(buffer)
             if not count:
                 return
+            stdin = []  # consecutive stdin frames of this read go to the agent in one write
             for frame in decoder.feed(view[:count]):
+                if frame.type == FrameType.STREAM and frame.opcode == Stream.STDIN and self.session is not None:
+                    stdin.append(frame.payload)
+                    continue
+                if stdin:
+                    self._forward_stdin(stdin)
+                    stdin = []
                 self._dispatch(frame)
+            if stdin:
+                self._forward_stdin(stdin)
+
+    def _forward_stdin(self, chunks: list[bytes]) -> None:
+        session = self.session
+        try:
+            session.vm.stdin(session, chunks)
+        except ProxyError as exc:
+            raise PeerProtocolError(f"stdin: {exc}") from None
 
     def _dispatch(self, frame: frames.Frame) -> None:
         if frame.type == FrameType.COMMAND:
@@ -126,6 +142,8 @@ class Connection:
                     session.partially_sent(sent)  # a reconnecting shim gets the rest, whole frames only
                     raise
                 session.sent(count, len(data))
+                if session.outbox:
+                    self._wake.set()  # more than one write's worth was queued
             if self._responses:
                 data = b"".join(self._responses)
                 self._responses.clear()

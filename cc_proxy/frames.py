@@ -64,6 +64,10 @@ OPCODES = {
     FrameType.STREAM: Stream,
     FrameType.NOTIFICATION: Notification,
 }
+# Per-frame lookups by plain index: constructing an IntEnum per frame costs
+# more than the rest of the header decoding.
+_TYPES = tuple(FrameType)
+_OPCODE_COUNTS = tuple(len(OPCODES[t]) for t in _TYPES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,12 +97,11 @@ def parse_header(buf: bytes | bytearray, offset: int = 0) -> tuple[int, FrameTyp
     if words < MIN_HEADER_WORDS:
         raise PeerProtocolError(f"frame: bad header length {words}")
     raw_type = flags_type & 0x0F
-    if raw_type >= len(OPCODES):
+    if raw_type >= len(_TYPES):
         raise PeerProtocolError(f"frame: bad type {raw_type}")
-    ftype = FrameType(raw_type)
-    if opcode >= len(OPCODES[ftype]):
+    if opcode >= _OPCODE_COUNTS[raw_type]:
         raise PeerProtocolError(f"frame: bad opcode ({opcode}) for type {raw_type}")
-    return words * 4, ftype, opcode, bool((flags_type >> 4) & FLAG_ERROR), length
+    return words * 4, _TYPES[raw_type], opcode, bool((flags_type >> 4) & FLAG_ERROR), length
 
 
 class FrameDecoder:

@@ -127,9 +127,20 @@ class Session:
         self.shim_connected.clear()
         self.drained.set()
 
-    def take_output(self) -> tuple[int, bytes]:
-        """Everything queued, as (frame count, bytes); ``sent()`` removes what went out."""
-        return len(self.outbox), b"".join(self.outbox)
+    def take_output(self, max_bytes: int = 256 * 1024) -> tuple[int, bytes]:
+        """The oldest frames, about ``max_bytes`` of them, as (frame count, bytes).
+
+        ``sent()`` removes them once written. The cap keeps a large backlog from
+        being copied whole on every wake-up.
+        """
+        frames = []
+        size = 0
+        for frame in self.outbox:
+            frames.append(frame)
+            size += len(frame)
+            if size >= max_bytes:
+                break
+        return len(frames), b"".join(frames)
 
     def sent(self, count: int, nbytes: int) -> None:
         """``count`` whole frames (``nbytes`` in all) reached the kernel."""

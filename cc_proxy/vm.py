@@ -110,12 +110,16 @@ class VM:
         body = {"container": session.container_id, "signal": signal.number, "allProcesses": False}
         self.link.request(AgentCode.KILLCONTAINER, payloads.encode_json(body))
 
-    def stdin(self, session: Session, data: bytes) -> None:
+    def stdin(self, session: Session, chunks: list[bytes]) -> None:
+        """Forward stdin frames (an empty one is EOF) to the agent in one write."""
         session.wait_process(self.config.process_timeout)
+        size = self.config.agent_message_size
+        messages = b"".join(agent_codec.encode_io_split(session.base, chunk, size) for chunk in chunks)
         if logsetup.is_debug():
+            data = b"".join(chunks)
             self.log.debug("-> {} bytes of stdin for seq {}:\n{}", len(data), session.base, logsetup.hexdump(data))
-        session.bytes_in += len(data)
-        self.link.send_io(agent_codec.encode_io_split(session.base, data, self.config.agent_message_size))
+        session.bytes_in += sum(map(len, chunks))
+        self.link.send_io(messages)
 
     # -- lifecycle ---------------------------------------------------------------
 
