@@ -40,8 +40,6 @@ from cc_proxy.payloads import encode_json
 MAX_PAYLOAD = 64 << 20
 RECV_SIZE = 64 << 10
 URL_SCHEME = "unix://"
-# Header words beyond the standard three are zero-filled padding.
-_PAD_WORD = b"\0\0\0\0"
 
 _ABSENT = object()
 
@@ -156,13 +154,7 @@ class Client:
     def send_frame(self, ftype: int, opcode: int, payload: bytes = b"", header_words: int = 3,
                    error: bool = False) -> None:
         """One frame; ``header_words`` over 3 adds zero padding words to the header."""
-        if header_words == frames.MIN_HEADER_WORDS:
-            data = frames.encode(ftype, opcode, payload, error)
-        else:
-            flags_type = (frames.FLAG_ERROR << 4 if error else 0) | ftype
-            header = frames.HEADER.pack(frames.VERSION, header_words, 0, 0, flags_type, opcode, len(payload))
-            data = header + _PAD_WORD * max(0, header_words - frames.MIN_HEADER_WORDS) + payload
-        self.send_raw(data)
+        self.send_raw(frames.encode(ftype, opcode, payload, error, header_words))
 
     def send_raw(self, data: bytes) -> None:
         # A read may have left a shorter timeout on the socket.

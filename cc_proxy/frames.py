@@ -78,15 +78,14 @@ class Frame:
     error: bool = False
 
 
-def encode(ftype: int, opcode: int, payload: bytes = b"", error: bool = False) -> bytes:
-    """One frame with the minimal (3-word) header."""
+def encode(ftype: int, opcode: int, payload: bytes = b"", error: bool = False,
+           header_words: int = MIN_HEADER_WORDS) -> bytes:
+    """One frame; ``header_words`` above 3 adds zeroed words a decoder must skip."""
     flags_type = (FLAG_ERROR << 4 if error else 0) | ftype
-    return HEADER.pack(VERSION, MIN_HEADER_WORDS, 0, 0, flags_type, opcode, len(payload)) + payload
-
-
-def encode_header(ftype: int, opcode: int, length: int) -> bytes:
-    """Header alone, so hot paths can write header and payload without copying."""
-    return HEADER.pack(VERSION, MIN_HEADER_WORDS, 0, 0, ftype, opcode, length)
+    header = HEADER.pack(VERSION, header_words, 0, 0, flags_type, opcode, len(payload))
+    if header_words > MIN_HEADER_WORDS:
+        header += bytes(4 * (header_words - MIN_HEADER_WORDS))
+    return header + payload
 
 
 def parse_header(buf: bytes | bytearray, offset: int = 0) -> tuple[int, FrameType, int, bool, int]:

@@ -41,9 +41,10 @@ def test_header_layout_is_big_endian_and_exact():
     assert data == bytes([0, 2, 3, 0, 0, 0, 2, 2, 0, 0, 0, 3]) + b"abc"
 
 
-def test_encode_header_matches_encode():
-    payload = b"hello"
-    assert frames.encode_header(FrameType.STREAM, 1, len(payload)) + payload == encode(FrameType.STREAM, 1, payload)
+def test_longer_header_is_padded_and_skipped():
+    data = encode(FrameType.STREAM, 1, b"hello", header_words=5)
+    assert data[2] == 5 and data[12:20] == bytes(8) and data[20:] == b"hello"
+    assert decode_all(data) == [Frame(FrameType.STREAM, 1, b"hello", False)]
 
 
 @pytest.mark.parametrize("opcode", list(frames.Command))
