@@ -35,12 +35,11 @@ def new_token() -> str:
 
 
 class Router:
-    def __init__(self, on_vm_registered=None, on_vm_gone=None):
+    def __init__(self, on_vm_gone=None):
         self.vms: dict[str, VM] = {}
         self.reserved: set[str] = set()
         self.tokens: dict[str, Session] = {}
         self.live_vms: set[VM] = set()  # registered or not, until their channels close
-        self.on_vm_registered = on_vm_registered  # e.g. the KSM kick
         self.on_vm_gone = on_vm_gone  # e.g. pod mode exit
         self._queue: Queue = Queue(QUEUE_BOUND)
         self._greenlet = None
@@ -66,9 +65,10 @@ class Router:
                 result.set_exception(exc)
 
     def call(self, func, *args):
-        """Run ``func(*args)`` in the router greenlet and return its result."""
-        if self._greenlet is None:
-            return func(*args)  # not started (unit tests): same code, inline
+        """Run ``func(*args)`` in the router greenlet and return its result.
+
+        Never call it from the router greenlet itself (a request waiting on itself).
+        """
         result = AsyncResult()
         self._queue.put((func, args, result))
         return result.get()
@@ -88,10 +88,7 @@ class Router:
         self.vms[vm.container_id] = vm
         self.live_vms.add(vm)
         vm.on_lost = self._vm_lost
-        tokens = self._allocate(vm, num_io_streams)
-        if self.on_vm_registered is not None:
-            self.on_vm_registered(vm)
-        return tokens
+        return self._allocate(vm, num_io_streams)
 
     def attach(self, container_id: str, num_io_streams: int) -> tuple[VM, list[str]]:
         vm = self.vms.get(container_id)

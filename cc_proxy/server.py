@@ -28,6 +28,8 @@ from cc_proxy.router import Router
 
 # Back-off when accept() fails for lack of file descriptors.
 ACCEPT_BACKOFF = 0.1
+# How often STATUS= is refreshed for systemd when no watchdog sets the pace.
+STATUS_INTERVAL = 5.0
 
 
 def _notify(state: str) -> None:
@@ -48,6 +50,9 @@ class Proxy:
         self.log = logger
         self._server = server
 
+    def vm_registered(self, vm) -> None:
+        self._server.vm_registered(vm)
+
     def vm_unregistered(self, vm) -> None:
         self._server.vm_unregistered(vm)
 
@@ -56,7 +61,7 @@ class Server:
     def __init__(self, config, reload=None):
         self.config = config
         self.reload = reload  # callable returning a fresh Config (SIGHUP)
-        self.router = Router(on_vm_registered=self._vm_registered, on_vm_gone=self._vm_gone)
+        self.router = Router(on_vm_gone=self._vm_gone)
         self.proxy = Proxy(config, self.router, self)
         self.ksm = Ksm(config.ksm, config.ksm_root, config.meminfo_path, config.ksm_aggressive_seconds,
                        config.ksm_standard_seconds, config.ksm_slow_seconds, logger=logger)
@@ -83,10 +88,9 @@ class Server:
         self.router.start()
         self.ksm.start()
         self.tasks.spawn(self._accept_loop)
-        interval = systemd.watchdog_interval()
-        if interval:
-            self.tasks.spawn(self._watchdog, interval)
         _notify("READY=1\nSTATUS=" + self._status())
+        if os.environ.get("NOTIFY_SOCKET"):
+            self.tasks.spawn(self._notify_loop, systemd.watchdog_interval())
 
     def _accept_loop(self) -> None:
         while True:
@@ -104,19 +108,27 @@ class Server:
             greenlet = self.clients.spawn(conn.serve)
             greenlet.link(lambda _g, conn=conn: self.connections.discard(conn))
 
-    def _watchdog(self, interval: float) -> None:
+    def _notify_loop(self, watchdog: float | None) -> None:
+        """Ping the watchdog from the event loop and keep STATUS= current (shims come and go)."""
+        status = None
         while True:
-            _notify("WATCHDOG=1")
-            gevent.sleep(interval)
+            fresh = self._status()
+            state = [f"STATUS={fresh}"] if fresh != status else []
+            if watchdog:
+                state.append("WATCHDOG=1")
+            if state:
+                _notify("\n".join(state))
+            status = fresh
+            gevent.sleep(watchdog or STATUS_INTERVAL)
 
     def _status(self) -> str:
         vms = len(self.router.live_vms)
         shims = sum(1 for s in self.router.tokens.values() if s.shim is not None)
         return f"{vms} VM(s), {shims} shim(s), {len(self.connections)} client(s)"
 
-    # -- VM events (from the router greenlet or a VM teardown) ---------------------
+    # -- VM events (from a client greenlet or a VM teardown) ------------------------
 
-    def _vm_registered(self, vm) -> None:
+    def vm_registered(self, vm) -> None:
         self.ksm.vm_registered()
         _notify("STATUS=" + self._status())
 

@@ -137,10 +137,12 @@ def test_sd_notify_ready_watchdog_status_stopping(workdir):
                 for _ in range(3):
                     notify.wait_for(lambda m: fields(m).get("WATCHDOG") == "1", 2)
 
-                # STATUS follows the VMs.
-                runtime.register_vm("vm1", agent.ctl_path, agent.io_path)
-                status = notify.wait_for(lambda m: "STATUS" in fields(m) and "1 VM" in fields(m)["STATUS"], 5)
-                assert "VM" in fields(status)["STATUS"]
+                # STATUS follows the VMs and the shims.
+                info = runtime.register_vm("vm1", agent.ctl_path, agent.io_path, num_io_streams=1)
+                notify.wait_for(lambda m: fields(m).get("STATUS", "").startswith("1 VM(s), 0 shim(s)"), 5)
+                with Client(sock, timeout=5) as shim:
+                    shim.connect_shim(info.tokens[0])
+                    notify.wait_for(lambda m: fields(m).get("STATUS", "").startswith("1 VM(s), 1 shim(s)"), 5)
 
             proxy.send_signal(signal.SIGTERM)
             notify.wait_for(lambda m: fields(m).get("STOPPING") == "1", 5)
