@@ -8,7 +8,7 @@ connection (SPEC.md section 2).
 
 from __future__ import annotations
 
-from cc_proxy import logsetup, payloads
+from cc_proxy import config, logsetup, payloads
 from cc_proxy.errors import PeerProtocolError, ProxyError
 from cc_proxy.frames import Command, Stream
 from cc_proxy.vm import VM
@@ -28,7 +28,8 @@ def register_vm(conn, payload: bytes) -> bytes:
         raise
     tokens = router.call(router.commit, vm, request.num_io_streams)
     vm.start()
-    conn.vm = vm
+    conn.attach(vm)
+    proxy.vm_registered(vm)
     conn.log.info("RegisterVM(containerId={}, ctlSerial={}, ioSerial={}, console={}) gave {} token(s)",
                   request.container_id, request.ctl_serial, request.io_serial, request.console or "", len(tokens))
     return payloads.io_response(proxy.url, tokens)
@@ -37,7 +38,8 @@ def register_vm(conn, payload: bytes) -> bytes:
 def attach_vm(conn, payload: bytes) -> bytes:
     request = payloads.AttachVM.parse(payload)
     router = conn.proxy.router
-    conn.vm, tokens = router.call(router.attach, request.container_id, request.num_io_streams)
+    vm, tokens = router.call(router.attach, request.container_id, request.num_io_streams)
+    conn.attach(vm)
     conn.log.info("AttachVM(containerId={}) gave {} token(s)", request.container_id, len(tokens))
     return payloads.io_response(conn.proxy.url, tokens)
 
@@ -99,15 +101,12 @@ def stdin(conn, payload: bytes) -> None:
     raise PeerProtocolError("stdin: client not associated with any I/O session")
 
 
-_LOG_LEVELS = {"debug": "DEBUG", "info": "INFO", "warn": "WARNING", "error": "ERROR"}
-
-
 def log(conn, payload: bytes) -> None:
     entry = payloads.LogEntry.parse(payload)
     fields = {"source": entry.source}
     if entry.container_id:
         fields["container"] = entry.container_id
-    conn.log.bind(**fields).log(_LOG_LEVELS[entry.level], "{}", entry.message)
+    conn.log.bind(**fields).log(config.LOG_LEVELS[entry.level], "{}", entry.message)
 
 
 COMMANDS = {

@@ -50,7 +50,7 @@ class Connection:
         try:
             self._read_loop()
         except PeerProtocolError as exc:
-            self.log.error("dropping client: {}", exc)
+            self.log.error("dropping client: {}", logsetup.redact_tokens(str(exc)))
         except OSError as exc:
             if not self._closed_here:
                 self.log.info("client connection error: {}", exc)
@@ -93,7 +93,7 @@ class Connection:
             try:
                 response = handler(self, frame.payload)
             except ProxyError as exc:
-                self.log.info("{} failed: {}", frames.Command(frame.opcode).name, exc)
+                self.log.info("{} failed: {}", frames.Command(frame.opcode).name, logsetup.redact_tokens(str(exc)))
                 self.respond(frame.opcode, payloads.encode_json({"msg": str(exc)}), error=True)
             else:
                 self.respond(frame.opcode, response)
@@ -152,10 +152,16 @@ class Connection:
                 self._shutdown()
                 return
 
-    # -- shim role ---------------------------------------------------------------
+    # -- roles ---------------------------------------------------------------------
+
+    def attach(self, vm) -> None:
+        """RegisterVM/AttachVM: Hyper goes to this VM; its id tags our log lines."""
+        self.vm = vm
+        self.log = self.log.bind(vm=vm.container_id)
 
     def become_shim(self, session) -> None:
         self.session = session
+        self.log = self.log.bind(vm=session.vm.container_id, token=logsetup.token_prefix(session.token))
         if session.outbox:
             self.wake()  # output kept while no shim was connected
 

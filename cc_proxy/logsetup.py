@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import socket
 import sys
 from collections.abc import Mapping
@@ -219,32 +220,27 @@ def configure(
             _state.handler_ids = tuple(ids)
 
 
-@dataclass
-class _Minimal:
-    log_level: str
-    log_format: str = "auto"
-    pod_mode: bool = False
-
-
 def set_level(level: str) -> None:
-    """Change the level of every sink we added (SIGHUP reload).
+    """Change the level of every sink we added (SIGHUP reload); ``configure`` must have run.
 
     Accepts the command-line names (debug, warn, panic...) and loguru names.
     """
-    name = to_log_level(level)
-    config = _state.config
-    if config is None:
-        config = _Minimal(log_level=name)
-    elif dataclasses.is_dataclass(config):
-        config = dataclasses.replace(config, log_level=name)
-    else:
-        config.log_level = name
+    config = dataclasses.replace(_state.config, log_level=to_log_level(level))
     configure(config, stream=_state.stream, environ=_state.environ)
 
 
 def is_debug() -> bool:
     """True when our sinks let DEBUG records through (skip costly formatting)."""
     return _state.level_no is not None and _state.level_no <= logging.DEBUG
+
+
+# A token as the router makes them: 32 bytes, URL-safe base64 with one "=".
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{43}=")
+
+
+def redact_tokens(text: str) -> str:
+    """``text`` with every whole token cut to its prefix (wire errors quote tokens)."""
+    return _TOKEN.sub(lambda match: token_prefix(match.group()), text)
 
 
 def token_prefix(token: str | None) -> str:

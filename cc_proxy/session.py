@@ -20,7 +20,7 @@ from collections import deque
 import gevent
 from gevent.event import Event
 
-from cc_proxy import frames
+from cc_proxy import frames, logsetup
 from cc_proxy.errors import ProxyError
 
 _STDOUT = (frames.FrameType.STREAM, frames.Stream.STDOUT)
@@ -85,7 +85,7 @@ class Session:
             return
         ftype, opcode = _STDOUT if seq == self.base else _STDERR
         self.bytes_out += len(payload)
-        self.push(frames.encode_header(ftype, opcode, len(payload)) + payload, logger)
+        self.push(frames.encode(ftype, opcode, payload), logger)
 
     def notify_exit(self, code: int, logger) -> None:
         self.push(frames.encode(frames.FrameType.NOTIFICATION, frames.Notification.PROCESS_EXITED, bytes([code])), logger)
@@ -111,7 +111,7 @@ class Session:
                 if dropped:
                     self.dropped_bytes += dropped
                     logger.warning("no shim is reading token {}: dropped {} bytes of old output",
-                                   (self.token or "")[:8], dropped)
+                                   logsetup.token_prefix(self.token), dropped)
         self.outbox.append(frame)
         self.outbox_bytes += len(frame)
         if self.shim is not None:
@@ -162,7 +162,7 @@ class Session:
 
     def statistics(self) -> dict:
         return {
-            "token": (self.token or "")[:8] or "(null)",
+            "token": logsetup.token_prefix(self.token),
             "seq": f"{self.base},{self.base + 1}",
             "container": self.container_id,
             "shim": self.shim is not None,

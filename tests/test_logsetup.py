@@ -9,6 +9,7 @@ import pytest
 from loguru import logger
 
 from cc_proxy import config, logsetup
+from cc_proxy.router import new_token
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -201,6 +202,13 @@ def test_token_prefix():
     assert logsetup.token_prefix("abc") == "abc"
     assert logsetup.token_prefix("") == "-"
     assert logsetup.token_prefix(None) == "-"
+
+
+def test_redact_tokens_keeps_only_prefixes():
+    token = new_token()
+    text = f"token already claimed: {token}; again {token}"
+    assert logsetup.redact_tokens(text) == f"token already claimed: {token[:8]}; again {token[:8]}"
+    assert logsetup.redact_tokens("unknown token: bogus-token") == "unknown token: bogus-token"
 
 
 def test_hexdump():

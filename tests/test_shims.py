@@ -53,6 +53,17 @@ def test_connect_shim_unknown_token(pod, connect):
     assert error_of(shim.connect_shim, "bogus-token") == "unknown token: bogus-token"
 
 
+def test_shim_logs_name_the_token_by_prefix_only(pod, connect, log_records):
+    token = new_token(connect)
+    open_shim(connect, token)
+    assert error_of(connect().connect_shim, token) == f"token already claimed: {token}"  # the wire keeps it whole
+    shim_lines = [r for r in log_records if r["extra"].get("token") == token[:8]]
+    assert any(r["message"].startswith("ConnectShim") for r in shim_lines), log_records
+    assert all(r["extra"]["vm"] == "pod1" for r in shim_lines)
+    assert any("token already claimed" in r["message"] for r in log_records)
+    assert not any(token in r["message"] or token in str(r["extra"]) for r in log_records)
+
+
 def test_connect_shim_token_claimed_by_live_shim(pod, connect):
     token = new_token(connect)
     open_shim(connect, token)
