@@ -295,7 +295,7 @@ class Config:
 
     @property
     def uri_for_clients(self) -> str:
-        return URI_SCHEME + os.path.abspath(self.socket_path)
+        return URI_SCHEME + self.socket_path  # made absolute by its converter
 
 
 # --------------------------------------------------------------------------
@@ -417,23 +417,21 @@ def from_args(
         values[opt.name] = value
         sources[opt.name] = source
 
-    # Socket path: --socket-path > path of --uri > conf socket_path > default.
-    if values["uri"] is not None and args.socket_path is None:
-        values["socket_path"] = uri_path(values["uri"])
-        sources["socket_path"] = sources["uri"]
-    else:
-        values["socket_path"] = os.path.abspath(values["socket_path"])
+    return _derive(values, sources, socket_path_given=args.socket_path is not None, config_path=config_path)
 
-    # Pod mode never touches KSM.
+
+def _derive(values: dict[str, Any], sources: dict[str, str], socket_path_given: bool,
+            config_path: str | None) -> Config:
+    """Apply the rules between options, then freeze."""
     if values["uri"] is not None:
+        # Socket path: --socket-path > path of --uri > conf socket_path > default.
+        if not socket_path_given:
+            values["socket_path"] = uri_path(values["uri"])
+            sources["socket_path"] = sources["uri"]
+        # Pod mode never touches KSM.
         values["ksm"] = "initial"
         sources["ksm"] = SOURCE_POD_MODE
-
-    return Config(
-        **values,
-        config_path=config_path,
-        sources=types.MappingProxyType(sources),
-    )
+    return Config(**values, config_path=config_path, sources=types.MappingProxyType(sources))
 
 
 def load(argv: list[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -462,14 +460,7 @@ def build(**overrides: Any) -> Config:
             sources[opt.name] = SOURCE_DEFAULT
     if overrides:
         raise ConfigError(f"override: unknown option(s) {sorted(overrides)}")
-    if values["uri"] is not None and sources["socket_path"] == SOURCE_DEFAULT:
-        values["socket_path"] = uri_path(values["uri"])
-        sources["socket_path"] = sources["uri"]
-    if values["uri"] is not None:
-        values["ksm"] = "initial"
-        sources["ksm"] = SOURCE_POD_MODE
-    return Config(**values, config_path=None,
-                  sources=types.MappingProxyType(sources))
+    return _derive(values, sources, socket_path_given=sources["socket_path"] != SOURCE_DEFAULT, config_path=None)
 
 
 __all__ = [
