@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from loguru import logger
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests share fake_agent and helpers as plain modules
 
@@ -39,6 +40,23 @@ def running_proxy(**overrides):
         server.request_stop()
         server.stop()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def captured_logs(level: str = "DEBUG"):
+    """Every loguru record at ``level`` or above logged meanwhile (dicts with message, level, extra)."""
+    records = []
+    sink = logger.add(lambda message: records.append(message.record), level=level, format="{message}", catch=False)
+    try:
+        yield records
+    finally:
+        logger.remove(sink)
+
+
+@pytest.fixture
+def log_records():
+    with captured_logs() as records:
+        yield records
 
 
 @pytest.fixture

@@ -6,10 +6,7 @@ client's own timeouts, the fake agent's ``wait_*`` helpers, or ``wait_until`` on
 
 from __future__ import annotations
 
-import contextlib
-
 import gevent
-from loguru import logger
 
 from cc_proxy.client import Client, ResponseError
 
@@ -145,14 +142,3 @@ def assert_dropped(client: Client, timeout: float = 5) -> None:
                 return
             if event is None:
                 return
-
-
-@contextlib.contextmanager
-def captured_logs(level: str = "DEBUG"):
-    """Every proxy log record (loguru) at ``level`` or above, as ``(level name, message)``."""
-    records: list[tuple[str, str]] = []
-    sink = logger.add(lambda m: records.append((m.record["level"].name, m.record["message"])), level=level)
-    try:
-        yield records
-    finally:
-        logger.remove(sink)

@@ -5,11 +5,10 @@ concurrent shims and slow shims.
 
 import gevent
 import pytest
-from conftest import running_proxy
+from conftest import captured_logs, running_proxy
 from fake_agent import running_agent
 from helpers_shim import (
     VM_ID,
-    captured_logs,
     container_data,
     hyper,
     new_token,
@@ -97,7 +96,7 @@ def test_output_for_unowned_sequence_is_dropped_and_logged(pod, connect):
         agent.send_io(99, b"nobody's")
         agent.send_io(base, b"somebody's")
         assert shim.read_event() == ("stdout", b"somebody's")
-    assert any("99" in message and "nobody owns" in message for _, message in logs), logs
+    assert any("99" in record["message"] and "nobody owns" in record["message"] for record in logs), logs
     agent.exit_process(base, 0)
     assert shim.read_event() == ("exit", 0)
     assert runtime.attach_vm(VM_ID, 0).tokens == []
@@ -113,7 +112,7 @@ def test_output_of_freed_token_is_dropped(pod, proxy, connect):
         other, _, other_base = start_process(connect, agent, "c2")
         agent.send_io(other_base, b"fresh")
         assert other.read_event() == ("stdout", b"fresh")
-    assert any(f"sequence number {base} " in message for _, message in logs), logs
+    assert any(f"sequence number {base} " in record["message"] for record in logs), logs
     assert session_of(proxy, token) is None
 
 
@@ -153,7 +152,7 @@ def test_output_buffer_bound_without_shim(agent):
                 session = session_of(server, token)
                 wait_until(lambda: session.outbox and session.outbox[-1].endswith(chunks[-1]),
                            what="the last chunk to be routed")
-            assert any("dropped" in message for _, message in logs), logs
+            assert any("dropped" in record["message"] for record in logs), logs
             assert 0 < session.outbox_bytes <= limit
             with Client(path, timeout=5) as shim:
                 shim.connect_shim(token)

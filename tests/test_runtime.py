@@ -15,7 +15,6 @@ import pytest
 from conftest import running_proxy
 from fake_agent import running_agent
 from helpers_runtime import assert_dropped, assert_serving, expect_error, registry, wait_until
-from loguru import logger
 
 from cc_proxy import logsetup
 from cc_proxy.agent_codec import AgentCode
@@ -625,14 +624,6 @@ def test_log_invalid_entry_drops_only_that_client(pod, connect, payload):
     assert assert_dropped(bad) == []
     assert_serving(other)
     assert runtime.hyper("ping") == b""
-
-
-@pytest.fixture
-def log_records():
-    records = []
-    handler = logger.add(lambda message: records.append(message.record), level="DEBUG", format="{message}")
-    yield records
-    logger.remove(handler)
 
 
 @pytest.mark.parametrize(("level", "loguru_level"), [("debug", "DEBUG"), ("info", "INFO"), ("warn", "WARNING"),
