@@ -78,21 +78,17 @@ class VM:
         """Forward one agent command, relocating newcontainer/execcmd onto a session."""
         code = agent_codec.command_code(hyper.name)
         token = hyper.check_tokens()
-        session = None
-        data = hyper.encoded_data() if not hyper.relocated else b""
-        if hyper.relocated:
-            session = self.null_session
-            if token is not None:
-                session = self.sessions_by_token.get(token)
-                if session is None:
-                    raise ProxyError(f"unknown token {token}")
-            data, container_id = payloads.relocate(hyper, session.base)
-            if hyper.name == "newcontainer":
-                session.container_id = container_id
-            session.wait_shim(self.config.shim_timeout)
+        if not hyper.relocated:
+            return self.link.request(code, hyper.encoded_data())
+        session = self.null_session if token is None else self.sessions_by_token.get(token)
+        if session is None:
+            raise ProxyError(f"unknown token {token}")
+        data, container_id = payloads.relocate(hyper, session.base)
+        if hyper.name == "newcontainer":
+            session.container_id = container_id
+        session.wait_shim(self.config.shim_timeout)
         reply = self.link.request(code, data)
-        if session is not None:
-            session.process_started.set()  # stdin and signals may flow now
+        session.process_started.set()  # stdin and signals may flow now
         return reply
 
     def signal(self, session: Session, signal: payloads.Signal) -> None:
